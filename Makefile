@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: GPL-2.0
+# Workbench for the huge pfnmap series.  Trees and builds live in the cache
+# ($PFNMAP_CACHE, default ~/.cache/pfnmap-series), never in this repository.
+
+SERIES ?= mainline
+CONFIG ?= debug
+
+.PHONY: help run test deps fetch apply kunit kunit-nodebug lint bisect selftest \
+	mutants list clean-cache
+
+help:
+	@echo "make run        main job: fetch base, apply series/$(SERIES), build and run the KUnit suites, print results"
+	@echo "make test       every check (self-tests, lint, apply, bisect build, KUnit debug, mutants); ends 'N passed, N failed'"
+	@echo "make deps       install the Debian packages the tools use"
+	@echo "make fetch      download and commit the base tree of series/$(SERIES)"
+	@echo "make apply      apply series/$(SERIES) to its base (git am) in the cache"
+	@echo "make kunit      build and run the KUnit suites (CONFIG=debug|nodebug)"
+	@echo "make lint       checkpatch --strict and trailer checks on every patch"
+	@echo "make bisect     build every patch of series/$(SERIES) on its own"
+	@echo "make selftest   the tools' own tests"
+	@echo "make mutants    the mutant runs of kunit/mutants"
+	@echo "make list       the numbered patches of series/$(SERIES)"
+	@echo "Variables: SERIES=$(SERIES) CONFIG=$(CONFIG); environment: KSRC, PFNMAP_CACHE, JOBS"
+
+run: deps
+	tools/kunit --series $(SERIES) --config $(CONFIG)
+
+test:
+	tools/check
+
+deps:
+	tools/deps
+
+fetch: deps
+	tools/fetch-base --series $(SERIES)
+
+apply: fetch
+	tools/apply --series $(SERIES)
+
+kunit:
+	tools/kunit --series $(SERIES) --config $(CONFIG)
+
+kunit-nodebug:
+	tools/kunit --series $(SERIES) --config nodebug
+
+lint:
+	tools/lint
+
+bisect:
+	tools/bisect-build --series $(SERIES)
+
+selftest:
+	tools/selftest
+
+mutants:
+	tools/check --series $(SERIES) --only mutants
+
+list:
+	tools/apply --series $(SERIES) --list
+
+clean-cache:
+	@echo "The cache is $${PFNMAP_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/pfnmap-series};"
+	@echo "remove it by hand if you mean it (it holds the base trees, builds and ccache)."

@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: GPL-2.0
+# Shared helpers for the workbench tools.  Sourced, never executed.
+#
+# Every tool keeps its state below one cache root, outside the repository:
+#   $PFNMAP_CACHE            (default: ${XDG_CACHE_HOME:-$HOME/.cache}/pfnmap-series)
+#     apt/                   private apt state used to download the base package
+#     debs/                  downloaded linux-source .deb files (+ .sha256)
+#     src/<pkg>_<version>/   extracted base tree, a git repo with one commit (tag "base")
+#     work/<name>/           git worktrees with a series applied
+#     build/<name>/          kernel build directories (O=)
+#     results/<name>/        KUnit logs, JSON and summaries
+
+PROG=${PROG:-$(basename "$0")}
+TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# PFNMAP_TOP: where series/ and patches/ live (the repository; the tool
+# self-tests point it at a scratch copy).
+TOP=${PFNMAP_TOP:-$(cd "$TOOLS/.." && pwd)}
+CACHE=${PFNMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pfnmap-series}
+
+die() {
+	echo "$PROG: error: $*" >&2
+	exit 1
+}
+
+warn() {
+	echo "$PROG: warning: $*" >&2
+}
+
+info() {
+	echo "$PROG: $*" >&2
+}
+
+# Loud notice: used when the tool does something other than what was asked
+# (e.g. a pinned version is gone and a newer one is used).
+loud() {
+	{
+		echo "$PROG: ************************************************************"
+		echo "$PROG: NOTICE: $*"
+		echo "$PROG: ************************************************************"
+	} >&2
+}
+
+# series_file NAME -> path of series/NAME (dies with the list if unknown)
+series_file() {
+	local name=$1 f
+	case "$name" in
+	*/*) f=$name ;;
+	*) f=$TOP/series/$name ;;
+	esac
+	if [ ! -f "$f" ]; then
+		local known
+		known=$(cd "$TOP/series" 2>/dev/null && ls | tr '\n' ' ')
+		die "unknown series '$name' (no file $f; known series: ${known:-none})"
+	fi
+	echo "$f"
+}
+
+# series_header FILE KEY -> value of a "# KEY: value" header line
+series_header() {
+	sed -n "s/^#[[:space:]]*$2:[[:space:]]*//p" "$1" | head -n1 | sed 's/[[:space:]]*$//'
+}
+
+# series_patches FILE -> patch file names in order (quilt syntax: comments,
+# blank lines and per-patch options such as -p1 are ignored)
+series_patches() {
+	grep -v '^[[:space:]]*#' "$1" | awk 'NF { print $1 }'
+}
+
+# is_kernel_tree DIR -> 0 if DIR looks like a Linux source tree
+is_kernel_tree() {
+	local d=$1
+	[ -f "$d/Makefile" ] && grep -q '^VERSION = ' "$d/Makefile" &&
+		[ -f "$d/Kconfig" ] && [ -d "$d/mm" ] && [ -f "$d/scripts/checkpatch.pl" ]
+}
+
+kernel_version_of() {
+	local d=$1
+	awk '/^VERSION =/{v=$3} /^PATCHLEVEL =/{p=$3} /^SUBLEVEL =/{s=$3}
+	     /^EXTRAVERSION =/{e=$3} END{printf "%s.%s.%s%s\n", v, p, s, e}' "$d/Makefile"
+}
+
+# need_cmds CMD... -> die naming the Debian package for a missing command
+need_cmds() {
+	local c missing=()
+	for c in "$@"; do
+		command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	die "missing command(s): ${missing[*]} (run 'make deps' or tools/deps to install them)"
+}
+
+# Fixed identity and dates so that the base commit and the applied series
+# get the same commit ids on every machine.
+export_git_identity() {
+	export GIT_AUTHOR_NAME="pfnmap workbench" GIT_AUTHOR_EMAIL="workbench@pfnmap.invalid"
+	export GIT_COMMITTER_NAME="pfnmap workbench" GIT_COMMITTER_EMAIL="workbench@pfnmap.invalid"
+}
+
+usage_error() {
+	echo "$PROG: $*" >&2
+	echo "Try '$PROG --help'." >&2
+	exit 2
+}
