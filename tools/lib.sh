@@ -6,7 +6,7 @@
 #     apt/                   private apt state used to download the base package
 #     debs/                  downloaded linux-source .deb files (+ .sha256)
 #     src/<pkg>_<version>/   extracted base tree, a git repo with one commit (tag "base")
-#     work/<name>/           git worktrees with a series applied
+#     worktrees/<name>/          git worktrees with a series applied
 #     build/<name>/          kernel build directories (O=)
 #     results/<name>/        KUnit logs, JSON and summaries
 
