@@ -6,7 +6,7 @@ SERIES ?= mainline
 CONFIG ?= debug
 
 .PHONY: help run test deps fetch apply kunit kunit-nodebug lint bisect selftest \
-	mutants list clean-cache
+	mutants measure list clean-cache
 
 help:
 	@echo "make run        main job: fetch base, apply series/$(SERIES), build and run the KUnit suites, print results"
@@ -19,6 +19,7 @@ help:
 	@echo "make bisect     build every patch of series/$(SERIES) on its own"
 	@echo "make selftest   the tools' own tests"
 	@echo "make mutants    the mutant runs of kunit/mutants"
+	@echo "make measure    the numbers the series claims, on a kernel without debug options"
 	@echo "make list       the numbered patches of series/$(SERIES)"
 	@echo "Variables: SERIES=$(SERIES) CONFIG=$(CONFIG); environment: KSRC, PFNMAP_CACHE, JOBS"
 
@@ -54,6 +55,9 @@ selftest:
 
 mutants:
 	tools/check --series $(SERIES) --only mutants
+
+measure: deps
+	tools/measure --series $(SERIES)
 
 list:
 	tools/apply --series $(SERIES) --list
