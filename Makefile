@@ -6,7 +6,7 @@ SERIES ?= mainline
 CONFIG ?= debug
 
 .PHONY: help run test deps fetch apply kunit kunit-nodebug lint bisect selftest \
-	mutants measure list clean-cache
+	mutants measure lab lab-measure list clean-cache
 
 help:
 	@echo "make run        main job: fetch base, apply series/$(SERIES), build and run the KUnit suites, print results"
@@ -20,6 +20,8 @@ help:
 	@echo "make selftest   the tools' own tests"
 	@echo "make mutants    the mutant runs of kunit/mutants"
 	@echo "make measure    the numbers the series claims, on a kernel without debug options"
+	@echo "make lab        end-to-end VFIO lab in QEMU (vfio-pci, type1, VT-d): base, mutant, patched"
+	@echo "make lab-measure the lab on kernels without debug options (the timings of the table)"
 	@echo "make list       the numbered patches of series/$(SERIES)"
 	@echo "Variables: SERIES=$(SERIES) CONFIG=$(CONFIG); environment: KSRC, PFNMAP_CACHE, JOBS"
 
@@ -58,6 +60,12 @@ mutants:
 
 measure: deps
 	tools/measure --series $(SERIES)
+
+lab: deps
+	tools/lab --series $(SERIES) --config $(CONFIG)
+
+lab-measure: deps
+	tools/lab --series $(SERIES) --config nodebug
 
 list:
 	tools/apply --series $(SERIES) --list
