@@ -96,6 +96,29 @@ export_git_identity() {
 	export GIT_COMMITTER_NAME="pfnmap workbench" GIT_COMMITTER_EMAIL="workbench@pfnmap.invalid"
 }
 
+# kunit_fragments CONFIG -> the config fragments of a KUnit kernel (which is
+# also the lab guest), one per line: kunit/*.kunitconfig, configs/lab.config,
+# configs/CONFIG.config.
+kunit_fragments() {
+	local f
+	for f in "$TOP"/kunit/*.kunitconfig "$TOP/configs/lab.config" "$TOP/configs/$1.config"; do
+		echo "$f"
+	done
+}
+
+# kernel_cc: set KCC to the CC= value for kernel builds, "ccache gcc" with
+# the workbench's ccache below the cache when ccache is installed, else gcc.
+# Call it directly, not in $(...): it exports the ccache settings.
+kernel_cc() {
+	KCC=gcc
+	if command -v ccache >/dev/null 2>&1; then
+		export CCACHE_DIR=${CCACHE_DIR:-$CACHE/ccache}
+		export CCACHE_BASEDIR=$CACHE CCACHE_NOHASHDIR=1
+		export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-8G}
+		KCC="ccache gcc"
+	fi
+}
+
 usage_error() {
 	echo "$PROG: $*" >&2
 	echo "Try '$PROG --help'." >&2

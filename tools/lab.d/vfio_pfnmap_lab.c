@@ -22,7 +22,8 @@
  *                   disable), one reading /proc/self/smaps.  A valid range
  *                   must never fail with EINVAL; EBUSY (the retry bound
  *                   was hit) is retried, EFAULT (memory was disabled at
- *                   the fault) is counted.
+ *                   the fault) is counted, and the next call waits for
+ *                   the toggler to enable memory again.
  *
  * Usage: vfio_pfnmap_lab [harness options] -- BDF [BAR]
  * Environment (all optional): LAB_RACE_ITERS (400), LAB_RACE_SECONDS (40),
@@ -36,6 +37,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -355,12 +357,25 @@ static void *toggler(void *arg)
 		if (pwrite(r->self->device, &off_cmd, 2, off) != 2 ||
 		    pwrite(r->self->device, &cmd, 2, off) != 2)
 			r->toggle_errors++;
-		r->toggles++;
+		r->toggles++;	/* memory is enabled again */
 		usleep(r->toggle_us);
 	}
 	if (pwrite(r->self->device, &cmd, 2, off) != 2)
 		r->toggle_errors++;
 	return NULL;
+}
+
+/*
+ * EFAULT: the fault found memory disabled.  Wait for the toggler's next
+ * round instead of calling again at once, so that the calls are spent on
+ * the race rather than on a BAR that is off.
+ */
+static void wait_toggle(struct race *r, double end)
+{
+	unsigned long seen = r->toggles;
+
+	while (r->toggles == seen && now_us() < end)
+		sched_yield();
 }
 
 static void *smaps_reader(void *arg)
@@ -441,6 +456,7 @@ TEST_F_TIMEOUT(lab, race, 900)
 			break;
 		case -EFAULT:
 			efault++;
+			wait_toggle(&r, end);
 			break;
 		case -EBUSY:
 			break;
