@@ -60,15 +60,39 @@ STABLE_RE = re.compile(r'^Cc: stable@vger\.kernel\.org(?:\s*#\s*(?:[^:]*:\s*)?(.
                        re.M)
 
 
-def stable_patches(path):
+STABLE_FROM_RE = re.compile(r'^Cc: stable@vger\.kernel\.org\s*#\s*(\d+)\.(\d+)\.x\b', re.M)
+
+
+def version_key(version):
+    """(major, minor) of an upstream or Debian version string: '7.2.13-1'
+    and '7.2' give (7, 2); None if there is none."""
+    m = re.match(r'(\d+)\.(\d+)', version or '')
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def stable_from(text):
+    """The oldest stable series a patch asks for ('# 7.3.x' in all its
+    'Cc: stable' lines), or None when any of them names no version."""
+    lines = STABLE_RE.findall(text)
+    vers = [(int(a), int(b)) for a, b in STABLE_FROM_RE.findall(text)]
+    return min(vers) if vers and len(vers) == len(lines) else None
+
+
+def stable_patches(path, version=None):
     """The patches of a series meant for stable kernels, in series order:
     those with a 'Cc: stable@vger.kernel.org' line, and the earlier
     patches that such a line names as a prerequisite, in the
-    stable-kernel-rules form 'Cc: stable@vger.kernel.org # 6.12.x: <subject>'."""
+    stable-kernel-rules form 'Cc: stable@vger.kernel.org # 6.12.x: <subject>'.
+    With @version ('7.2.13'), leave out the patches whose every stable line
+    asks for a later series only ('# 7.3.x'): they need a backport."""
     patches = series_patches(path)
     text = {p: open(os.path.join(TOP, 'patches', p), errors='replace').read()
             for p in patches}
     fixes = {p for p in patches if STABLE_RE.search(text[p])}
+    want = version_key(version)
+    if want:
+        fixes = {p for p in fixes
+                 if not stable_from(text[p]) or stable_from(text[p]) <= want}
     named = {m.group(1).strip() for p in fixes for m in STABLE_RE.finditer(text[p])
              if m.group(1)}
     prereq = {p for p in patches
@@ -78,8 +102,8 @@ def stable_patches(path):
 
 if __name__ == '__main__':
     import sys
-    # python3 tools/pfnmap_series.py stable SERIES_FILE
-    if len(sys.argv) == 3 and sys.argv[1] == 'stable':
-        print('\n'.join(stable_patches(sys.argv[2])))
+    # python3 tools/pfnmap_series.py stable SERIES_FILE [VERSION]
+    if len(sys.argv) in (3, 4) and sys.argv[1] == 'stable':
+        print('\n'.join(stable_patches(sys.argv[2], *sys.argv[3:])))
     else:
-        sys.exit('usage: pfnmap_series.py stable SERIES_FILE')
+        sys.exit('usage: pfnmap_series.py stable SERIES_FILE [VERSION]')

@@ -24,13 +24,29 @@
  *                   was hit) is retried, EFAULT (memory was disabled at
  *                   the fault) is counted, and the next call waits for
  *                   the toggler to enable memory again.
+ *   kvm_race        (x86_64) a KVM guest whose memory slot is the BAR,
+ *                   mapped by hand for PUD leaves, reads and writes it in a
+ *                   loop while memory is toggled as above.  With the lab's
+ *                   delay each round maps the BAR again in place (so that
+ *                   the vCPU faults with memory on), waits until the vCPU
+ *                   thread sleeps in that delay, i.e. between fault-in and
+ *                   look-up, and only then zaps: each toggle enters the
+ *                   window once.  Without it, memory is toggled every
+ *                   LAB_TOGGLE_US and faults may find memory off.  KVM_RUN
+ *                   must never fail, the guest must never read back what
+ *                   it did not write, and SIGKILL must end the VMM promptly
+ *                   while the toggler zaps every window.  Counted in the
+ *                   kernel with kprobe events: zaps, error pfns from the
+ *                   fault-in, and device faults refused (memory off).
  *
  * Usage: vfio_pfnmap_lab [harness options] -- BDF [BAR]
  * Environment (all optional): LAB_RACE_ITERS (400), LAB_RACE_SECONDS (40),
  * LAB_RACE_LEN (2 MiB), LAB_TOGGLE_US (3000), LAB_RACE_DELAY_US (0: if
  * set and the kernel has /sys/module/kernel/parameters/mm_race_delay_us,
  * the lab-only patch, the window between fault-in and look-up is widened
- * by that much during the race test).
+ * by that much during the race test), LAB_KVM_SECONDS (20), LAB_KVM_TOGGLES
+ * (100), LAB_KVM_DELAY_US (20000: the window of kvm_race, which must be
+ * longer than a toggle; used only where LAB_RACE_DELAY_US is set).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,7 +63,13 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <linux/kvm.h>
 #include <linux/pci_regs.h>
 #include <linux/vfio.h>
 
@@ -480,6 +502,449 @@ TEST_F_TIMEOUT(lab, race, 900)
 	EXPECT_EQ(0, gave_up);
 	EXPECT_EQ(0, einval) TH_LOG("MAP_DMA of a valid range failed with EINVAL");
 }
+
+#ifdef __x86_64__
+/*
+ * kvm_race: a VMM in a few hundred lines.  The guest runs flat 32-bit
+ * protected mode code from a small RAM slot and reads and writes the BAR
+ * slot at KVM_BAR_GPA; every 64Ki rounds it reports with an OUT, and a
+ * read that does not return what it wrote is reported on another port.
+ */
+#define KVM_BAR_GPA	0x40000000UL
+#define KVM_RAM_SIZE	0x10000UL
+#define KVM_CODE	0x1000UL
+#define PORT_PROGRESS	0x10
+#define PORT_MISMATCH	0x11
+#define TRACEFS		"/sys/kernel/tracing"
+
+static const uint8_t guest_code[] = {
+	0xbf, 0x00, 0x00, 0x00, 0x40,		/* mov edi, KVM_BAR_GPA */
+	0x31, 0xc9,				/* xor ecx, ecx */
+	/* loop: */
+	0x41,					/* inc ecx */
+	0x89, 0x0f,				/* mov [edi], ecx */
+	0x8b, 0x07,				/* mov eax, [edi] */
+	0x39, 0xc8,				/* cmp eax, ecx */
+	0x75, 0x0e,				/* jne bad */
+	0xf7, 0xc1, 0xff, 0xff, 0x00, 0x00,	/* test ecx, 0xffff */
+	0x75, 0xef,				/* jnz loop */
+	0x89, 0xc8,				/* mov eax, ecx */
+	0xe7, PORT_PROGRESS,			/* out PORT_PROGRESS, eax */
+	0xeb, 0xe9,				/* jmp loop */
+	/* bad: */
+	0xe7, PORT_MISMATCH,			/* out PORT_MISMATCH, eax */
+	0xeb, 0xe5,				/* jmp loop */
+};
+
+struct vm {
+	int kvm, vm, vcpu;
+	struct kvm_run *run;
+	size_t run_size;
+	void *ram;
+	/* counted by the vCPU thread */
+	atomic_ulong reports;
+	atomic_ulong efault;
+	atomic_ulong eother;
+	atomic_ulong mismatch;
+	atomic_ulong bad_exit;
+	atomic_uint guest_iters;
+	atomic_int tid;
+	atomic_bool stop;
+};
+
+static int vm_create(struct vm *v, void *bar, uint64_t slot_size, const char **why)
+{
+	struct kvm_userspace_memory_region ram = {
+		.slot = 0, .guest_phys_addr = 0, .memory_size = KVM_RAM_SIZE,
+	};
+	struct kvm_userspace_memory_region barslot = {
+		.slot = 1, .guest_phys_addr = KVM_BAR_GPA,
+		.memory_size = slot_size, .userspace_addr = (uintptr_t)bar,
+	};
+	struct kvm_segment seg = {
+		.base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3,
+		.present = 1, .dpl = 0, .db = 1, .s = 1, .l = 0, .g = 1,
+	};
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = { .rip = KVM_CODE, .rflags = 2 };
+	int n;
+
+	*why = "/dev/kvm";
+	v->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (v->kvm < 0)
+		return -errno;
+	*why = "KVM_CREATE_VM";
+	v->vm = ioctl(v->kvm, KVM_CREATE_VM, 0);
+	if (v->vm < 0)
+		return -errno;
+	v->ram = mmap(NULL, KVM_RAM_SIZE, PROT_READ | PROT_WRITE,
+		      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	*why = "guest RAM";
+	if (v->ram == MAP_FAILED)
+		return -errno;
+	memcpy((char *)v->ram + KVM_CODE, guest_code, sizeof(guest_code));
+	ram.userspace_addr = (uintptr_t)v->ram;
+	*why = "RAM memory slot";
+	if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &ram))
+		return -errno;
+	*why = "BAR memory slot";
+	if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &barslot))
+		return -errno;
+	*why = "KVM_CREATE_VCPU";
+	v->vcpu = ioctl(v->vm, KVM_CREATE_VCPU, 0);
+	if (v->vcpu < 0)
+		return -errno;
+	n = ioctl(v->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	*why = "kvm_run";
+	if (n <= 0)
+		return -EINVAL;
+	v->run_size = n;
+	v->run = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_SHARED, v->vcpu, 0);
+	if (v->run == MAP_FAILED)
+		return -errno;
+	*why = "KVM_GET_SREGS";
+	if (ioctl(v->vcpu, KVM_GET_SREGS, &sregs))
+		return -errno;
+	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = seg;
+	seg.type = 11;
+	seg.selector = 0x08;
+	sregs.cs = seg;
+	sregs.cr0 |= 1;	/* protected mode, no paging */
+	*why = "KVM_SET_SREGS";
+	if (ioctl(v->vcpu, KVM_SET_SREGS, &sregs))
+		return -errno;
+	*why = "KVM_SET_REGS";
+	if (ioctl(v->vcpu, KVM_SET_REGS, &regs))
+		return -errno;
+	return 0;
+}
+
+static void vm_destroy(struct vm *v)
+{
+	if (v->run && v->run != MAP_FAILED)
+		munmap(v->run, v->run_size);
+	if (v->vcpu > 0)
+		close(v->vcpu);
+	if (v->vm > 0)
+		close(v->vm);
+	if (v->kvm > 0)
+		close(v->kvm);
+	if (v->ram && v->ram != MAP_FAILED)
+		munmap(v->ram, KVM_RAM_SIZE);
+}
+
+static void *vcpu_thread(void *arg)
+{
+	struct vm *v = arg;
+	struct kvm_run *run = v->run;
+
+	prctl(PR_SET_NAME, "lab-vcpu");
+	v->tid = syscall(SYS_gettid);
+	while (!v->stop) {
+		if (ioctl(v->vcpu, KVM_RUN, 0)) {
+			if (errno == EFAULT)
+				v->efault++;	/* a VMM would stop the guest */
+			else if (errno != EINTR && errno != EAGAIN)
+				v->eother++;
+			continue;
+		}
+		if (run->exit_reason != KVM_EXIT_IO) {
+			v->bad_exit++;
+			fprintf(stderr, "# kvm_race: exit reason %u\n", run->exit_reason);
+			break;
+		}
+		if (run->io.port == PORT_PROGRESS) {
+			v->guest_iters = *(uint32_t *)((char *)run + run->io.data_offset);
+			v->reports++;
+		} else {
+			v->mismatch++;
+		}
+	}
+	return NULL;
+}
+
+/* Is task @tid asleep in fixup_user_fault(), i.e. in the lab's delay? */
+static bool in_window(int tid)
+{
+	char path[64], buf[64];
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", tid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = 0;
+	/* fsleep() is inline: a short delay shows its caller, a long msleep */
+	return !strcmp(buf, "fixup_user_fault") || !strcmp(buf, "msleep");
+}
+
+struct kvm_toggle {
+	FIXTURE_DATA(lab) *self;
+	struct vm *v;
+	void *bar;
+	bool rendezvous;	/* zap only inside the window */
+	bool lockstep;		/* zap every window, do not wait for progress */
+	unsigned long toggle_us, max_toggles;
+	double end;
+	atomic_ulong toggles;
+	atomic_ulong errors;
+};
+
+static void *kvm_toggler(void *arg)
+{
+	struct kvm_toggle *t = arg;
+	off_t off = t->self->cfg_off + PCI_COMMAND;
+	uint16_t cmd, off_cmd;
+	unsigned long seen;
+
+	if (pread(t->self->device, &cmd, 2, off) != 2) {
+		t->errors++;
+		return NULL;
+	}
+	cmd |= PCI_COMMAND_MEMORY;
+	off_cmd = cmd & ~PCI_COMMAND_MEMORY;
+	while (!t->v->stop && t->toggles < t->max_toggles && now_us() < t->end) {
+		seen = t->v->reports;
+		if (t->rendezvous) {
+			/*
+			 * Make the vCPU fault without turning memory off: map
+			 * the BAR again in place.  The munmap() invalidates the
+			 * guest's mapping, and its next access faults the new
+			 * VMA in.  (A first toggle would do it too, but the
+			 * fault would then find memory off: a genuine error.)
+			 * In lockstep, each lost race faults again by itself.
+			 */
+			if ((!t->lockstep || !t->toggles) &&
+			    mmap(t->bar, t->self->bar_size, PROT_READ | PROT_WRITE,
+				 MAP_SHARED | MAP_FIXED, t->self->device,
+				 t->self->bar_off) != t->bar) {
+				t->errors++;
+				break;
+			}
+			/* Wait for the vCPU to be between fault-in and look-up. */
+			while (!in_window(t->v->tid) && !t->v->stop && now_us() < t->end)
+				sched_yield();
+			if (t->v->stop || now_us() >= t->end)
+				break;
+		}
+		if (pwrite(t->self->device, &off_cmd, 2, off) != 2 ||
+		    pwrite(t->self->device, &cmd, 2, off) != 2)
+			t->errors++;
+		t->toggles++;
+		if (t->lockstep)
+			continue;
+		if (t->rendezvous) {
+			/* Let the guest make progress before the next window. */
+			while (t->v->reports == seen && !t->v->stop && now_us() < t->end)
+				sched_yield();
+		} else {
+			usleep(t->toggle_us);
+		}
+	}
+	if (pwrite(t->self->device, &cmd, 2, off) != 2)
+		t->errors++;
+	return NULL;
+}
+
+/* tracefs kprobe events: counted in the kernel, nothing added to it. */
+static const char *const kprobe_defs[] = {
+	"p:lab/zap vfio_pci_zap_and_down_write_memory_lock",
+	"r:lab/errpfn __kvm_faultin_pfn ret=$retval:x64",
+	"r:lab/sigbus vfio_pci_mmap_huge_fault ret=$retval:x32",
+};
+
+static const char *const kprobe_filters[][2] = {
+	{ "errpfn", "ret == 0x7ff0000000000000" },	/* KVM_PFN_ERR_FAULT */
+	{ "sigbus", "ret == 2" },			/* VM_FAULT_SIGBUS */
+};
+
+static int tracefs_write(const char *file, const char *text, bool append)
+{
+	char path[256];
+	int fd, ret = 0;
+
+	snprintf(path, sizeof(path), TRACEFS "/%s", file);
+	fd = open(path, O_WRONLY | (append ? O_APPEND : O_TRUNC));
+	if (fd < 0)
+		return -errno;
+	if (write(fd, text, strlen(text)) < 0)
+		ret = -errno;
+	close(fd);
+	return ret;
+}
+
+static int kprobes_start(void)
+{
+	char file[128];
+	unsigned int i;
+	int ret;
+
+	if (access(TRACEFS "/kprobe_events", W_OK))
+		mount("tracefs", TRACEFS, "tracefs", 0, NULL);
+	tracefs_write("events/lab/enable", "0", false);
+	ret = tracefs_write("kprobe_events", "", false);
+	for (i = 0; !ret && i < sizeof(kprobe_defs) / sizeof(kprobe_defs[0]); i++)
+		ret = tracefs_write("kprobe_events", kprobe_defs[i], true);
+	for (i = 0; !ret && i < 2; i++) {
+		snprintf(file, sizeof(file), "events/lab/%s/filter", kprobe_filters[i][0]);
+		ret = tracefs_write(file, kprobe_filters[i][1], false);
+	}
+	if (!ret)
+		ret = tracefs_write("buffer_size_kb", "4096", false);
+	if (!ret)
+		ret = tracefs_write("trace", "", false);
+	if (!ret)
+		ret = tracefs_write("events/lab/enable", "1", false);
+	return ret;
+}
+
+/* Count each lab event in the trace buffer; -1 where there is none. */
+static void kprobes_stop(long *zaps, long *errpfn, long *sigbus)
+{
+	char line[512];
+	FILE *f;
+
+	*zaps = *errpfn = *sigbus = -1;
+	if (tracefs_write("events/lab/enable", "0", false))
+		return;
+	f = fopen(TRACEFS "/trace", "r");
+	if (!f)
+		return;
+	*zaps = *errpfn = *sigbus = 0;
+	while (fgets(line, sizeof(line), f)) {
+		if (line[0] == '#')
+			continue;
+		if (strstr(line, " zap: "))
+			(*zaps)++;
+		else if (strstr(line, " errpfn: "))
+			(*errpfn)++;
+		else if (strstr(line, " sigbus: "))
+			(*sigbus)++;
+	}
+	fclose(f);
+	tracefs_write("kprobe_events", "", false);
+}
+
+/*
+ * Run the guest with the toggler until @toggles toggles or @seconds; in
+ * lockstep mode, until killed.  Returns 0, or -errno with *why set.
+ */
+static int run_vm(FIXTURE_DATA(lab) *self, struct vm *v, struct kvm_toggle *t,
+		  void *bar, uint64_t slot_size, const char **why)
+{
+	pthread_t vt, tt;
+	int ret;
+
+	ret = vm_create(v, bar, slot_size, why);
+	if (ret)
+		return ret;
+	t->self = self;
+	t->v = v;
+	t->bar = bar;
+	*why = "pthread_create";
+	if (pthread_create(&vt, NULL, vcpu_thread, v))
+		return -EAGAIN;
+	/* Let the guest warm up: first faults, first report. */
+	while (!v->reports && now_us() < t->end && !v->bad_exit)
+		sched_yield();
+	if (pthread_create(&tt, NULL, kvm_toggler, t)) {
+		v->stop = true;
+		pthread_join(vt, NULL);
+		return -EAGAIN;
+	}
+	pthread_join(tt, NULL);
+	/* A last report after the toggler stopped: the guest still runs. */
+	ret = v->reports;
+	while (v->reports == (unsigned long)ret && now_us() < t->end + 5e6 && !v->bad_exit)
+		sched_yield();
+	v->stop = true;
+	pthread_join(vt, NULL);
+	return 0;
+}
+
+TEST_F_TIMEOUT(lab, kvm_race, 900)
+{
+	unsigned long seconds = env_ul("LAB_KVM_SECONDS", 20);
+	unsigned long delay = env_ul("LAB_RACE_DELAY_US", 0) ?
+			      env_ul("LAB_KVM_DELAY_US", 20000) : 0;
+	uint64_t slot_size = self->bar_size < SZ_1G ? self->bar_size : SZ_1G;
+	struct vm v = { 0 };
+	struct kvm_toggle t = { 0 };
+	long zaps, errpfn, sigbus;
+	const char *why = "";
+	double kill_ms;
+	char *bar;
+	int ret, status;
+	pid_t pid;
+
+	bar = map_bar(_metadata, self, true);
+	ASSERT_NE(NULL, bar);
+	t.rendezvous = delay && !set_delay(delay);
+	t.toggle_us = env_ul("LAB_TOGGLE_US", 3000);
+	t.max_toggles = env_ul("LAB_KVM_TOGGLES", 100);
+	t.end = now_us() + seconds * 1e6;
+	note("kvm_mode=%s kvm_delay_us=%lu kvm_slot_mib=%lu",
+	     t.rendezvous ? "rendezvous" : "timed", t.rendezvous ? delay : 0,
+	     (unsigned long)(slot_size >> 20));
+	ret = kprobes_start();
+	if (ret)
+		TH_LOG("kprobe events unavailable (%s): no kernel counts", strerror(-ret));
+
+	ret = run_vm(self, &v, &t, bar, slot_size, &why);
+	kprobes_stop(&zaps, &errpfn, &sigbus);
+	ASSERT_EQ(0, ret) TH_LOG("%s: %s", why, strerror(-ret));
+	/* Error pfns that KVM_RUN did not report were retried. */
+	note("kvm_toggles=%lu kvm_reports=%lu kvm_guest_iters=%u kvm_run_efault=%lu kvm_run_other=%lu kvm_mismatch=%lu kvm_bad_exit=%lu kvm_zaps=%ld kvm_errpfn=%ld kvm_sigbus=%ld kvm_retried=%ld",
+	     (unsigned long)t.toggles, (unsigned long)v.reports,
+	     (unsigned int)v.guest_iters, (unsigned long)v.efault,
+	     (unsigned long)v.eother, (unsigned long)v.mismatch,
+	     (unsigned long)v.bad_exit, zaps, errpfn, sigbus,
+	     errpfn < 0 ? -1L : errpfn - (long)v.efault);
+	vm_destroy(&v);
+
+	/*
+	 * SIGKILL while the toggler zaps every window: a VMM whose vCPU can
+	 * only lose the race must still die at once.
+	 */
+	pid = fork();
+	ASSERT_LE(0, pid);
+	if (!pid) {
+		struct vm cv = { 0 };
+		struct kvm_toggle ct = { .rendezvous = t.rendezvous,
+					 .lockstep = true, .toggle_us = 0,
+					 .max_toggles = ULONG_MAX,
+					 .end = now_us() + 600e6 };
+
+		run_vm(self, &cv, &ct, bar, slot_size, &why);
+		_exit(1);
+	}
+	usleep(2000000);
+	kill_ms = now_us();
+	kill(pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	kill_ms = (now_us() - kill_ms) / 1e3;
+	note("kvm_sigkill_ms=%.1f", kill_ms);
+	if (t.rendezvous)
+		set_delay(0);
+	munmap(bar, self->bar_size);
+
+	EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+	EXPECT_GT(5000.0, kill_ms) TH_LOG("the VMM took %.0f ms to die", kill_ms);
+	EXPECT_EQ(0, t.errors);
+	EXPECT_EQ(0, v.bad_exit);
+	EXPECT_EQ(0, v.eother);
+	EXPECT_LT(1, v.reports) TH_LOG("the guest did not run");
+	EXPECT_EQ(0, v.mismatch) TH_LOG("the guest read back what it did not write");
+	if (t.rendezvous)
+		EXPECT_LT(0, t.toggles) TH_LOG("no window was entered");
+	EXPECT_EQ(0, v.efault) TH_LOG("KVM_RUN failed with EFAULT");
+}
+#endif /* __x86_64__ */
 
 int main(int argc, char **argv)
 {
