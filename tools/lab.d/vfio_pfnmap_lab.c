@@ -35,7 +35,9 @@
  *                   LAB_TOGGLE_US and faults may find memory off.  KVM_RUN
  *                   must never fail, the guest must never read back what
  *                   it did not write, and SIGKILL must end the VMM promptly
- *                   while the toggler zaps every window.  Counted in the
+ *                   while the toggler zaps every window; and with memory
+ *                   off, KVM_RUN must still fail with EFAULT (a genuine
+ *                   error is not retried for ever).  Counted in the
  *                   kernel with kprobe events: zaps, error pfns from the
  *                   fault-in, and device faults refused (memory off).
  *
@@ -867,6 +869,55 @@ static int run_vm(FIXTURE_DATA(lab) *self, struct vm *v, struct kvm_toggle *t,
 	return 0;
 }
 
+/*
+ * A genuine error still reaches user space: with memory off the fault is
+ * refused (SIGBUS) with no invalidation racing it, so KVM_RUN must fail
+ * with EFAULT rather than retry for ever.  Returns the milliseconds from
+ * turning memory off to the first EFAULT, or -1.
+ */
+static double vm_memory_off(FIXTURE_DATA(lab) *self, void *bar,
+			    uint64_t slot_size, unsigned long *efault,
+			    const char **why)
+{
+	off_t off = self->cfg_off + PCI_COMMAND;
+	struct vm v = { 0 };
+	uint16_t cmd, off_cmd;
+	double t0, ms = -1;
+	pthread_t vt;
+
+	*efault = 0;
+	if (vm_create(&v, bar, slot_size, why))
+		goto out;
+	*why = "pthread_create";
+	if (pthread_create(&vt, NULL, vcpu_thread, &v))
+		goto out;
+	t0 = now_us();
+	while (!v.reports && !v.bad_exit && now_us() < t0 + 30e6)
+		sched_yield();
+	*why = "PCI_COMMAND";
+	if (pread(self->device, &cmd, 2, off) == 2) {
+		cmd |= PCI_COMMAND_MEMORY;
+		off_cmd = cmd & ~PCI_COMMAND_MEMORY;
+		t0 = now_us();
+		if (pwrite(self->device, &off_cmd, 2, off) == 2) {
+			while (!v.efault && !v.bad_exit && now_us() < t0 + 10e6)
+				sched_yield();
+			if (v.efault)
+				ms = (now_us() - t0) / 1e3;
+		}
+		v.stop = true;
+		/* Memory on again: the vCPU gets out at its next report. */
+		if (pwrite(self->device, &cmd, 2, off) != 2)
+			ms = -1;
+	}
+	v.stop = true;
+	pthread_join(vt, NULL);
+	*efault = v.efault;
+out:
+	vm_destroy(&v);
+	return ms;
+}
+
 TEST_F_TIMEOUT(lab, kvm_race, 900)
 {
 	unsigned long seconds = env_ul("LAB_KVM_SECONDS", 20);
@@ -876,8 +927,9 @@ TEST_F_TIMEOUT(lab, kvm_race, 900)
 	struct vm v = { 0 };
 	struct kvm_toggle t = { 0 };
 	long zaps, errpfn, sigbus;
+	unsigned long off_efault;
 	const char *why = "";
-	double kill_ms;
+	double kill_ms, off_ms;
 	char *bar;
 	int ret, status;
 	pid_t pid;
@@ -906,6 +958,9 @@ TEST_F_TIMEOUT(lab, kvm_race, 900)
 	     (unsigned long)v.bad_exit, zaps, errpfn, sigbus,
 	     errpfn < 0 ? -1L : errpfn - (long)v.efault);
 	vm_destroy(&v);
+
+	off_ms = vm_memory_off(self, bar, slot_size, &off_efault, &why);
+	note("kvm_off_efault=%lu kvm_off_efault_ms=%.1f", off_efault, off_ms);
 
 	/*
 	 * SIGKILL while the toggler zaps every window: a VMM whose vCPU can
@@ -943,6 +998,8 @@ TEST_F_TIMEOUT(lab, kvm_race, 900)
 	if (t.rendezvous)
 		EXPECT_LT(0, t.toggles) TH_LOG("no window was entered");
 	EXPECT_EQ(0, v.efault) TH_LOG("KVM_RUN failed with EFAULT");
+	EXPECT_LT(0, off_efault)
+		TH_LOG("memory off: KVM_RUN did not fail (%s)", why);
 }
 #endif /* __x86_64__ */
 
