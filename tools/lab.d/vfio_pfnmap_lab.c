@@ -355,6 +355,24 @@ TEST_F_TIMEOUT(lab, map_dma, 900)
 	munmap(p, self->bar_size);
 }
 
+/* PCI_COMMAND with memory decoding on and off, from the config region. */
+static int memory_cmds(FIXTURE_DATA(lab) *self, uint16_t *on, uint16_t *off)
+{
+	uint16_t cmd;
+
+	if (pread(self->device, &cmd, 2, self->cfg_off + PCI_COMMAND) != 2)
+		return -1;
+	*on = cmd | PCI_COMMAND_MEMORY;
+	*off = cmd & ~PCI_COMMAND_MEMORY;
+	return 0;
+}
+
+/* vfio-pci zaps every mmap of the BARs when memory is turned off. */
+static int set_command(FIXTURE_DATA(lab) *self, uint16_t cmd)
+{
+	return pwrite(self->device, &cmd, 2, self->cfg_off + PCI_COMMAND) == 2 ? 0 : -1;
+}
+
 struct race {
 	FIXTURE_DATA(lab) *self;
 	unsigned long toggle_us;
@@ -367,24 +385,19 @@ struct race {
 static void *toggler(void *arg)
 {
 	struct race *r = arg;
-	off_t off = r->self->cfg_off + PCI_COMMAND;
 	uint16_t cmd, off_cmd;
 
-	if (pread(r->self->device, &cmd, 2, off) != 2) {
+	if (memory_cmds(r->self, &cmd, &off_cmd)) {
 		r->toggle_errors++;
 		return NULL;
 	}
-	cmd |= PCI_COMMAND_MEMORY;
-	off_cmd = cmd & ~PCI_COMMAND_MEMORY;
 	while (!r->stop) {
-		/* vfio-pci zaps every mmap of the BARs on this write */
-		if (pwrite(r->self->device, &off_cmd, 2, off) != 2 ||
-		    pwrite(r->self->device, &cmd, 2, off) != 2)
+		if (set_command(r->self, off_cmd) || set_command(r->self, cmd))
 			r->toggle_errors++;
 		r->toggles++;	/* memory is enabled again */
 		usleep(r->toggle_us);
 	}
-	if (pwrite(r->self->device, &cmd, 2, off) != 2)
+	if (set_command(r->self, cmd))
 		r->toggle_errors++;
 	return NULL;
 }
@@ -700,16 +713,13 @@ struct kvm_toggle {
 static void *kvm_toggler(void *arg)
 {
 	struct kvm_toggle *t = arg;
-	off_t off = t->self->cfg_off + PCI_COMMAND;
 	uint16_t cmd, off_cmd;
 	unsigned long seen;
 
-	if (pread(t->self->device, &cmd, 2, off) != 2) {
+	if (memory_cmds(t->self, &cmd, &off_cmd)) {
 		t->errors++;
 		return NULL;
 	}
-	cmd |= PCI_COMMAND_MEMORY;
-	off_cmd = cmd & ~PCI_COMMAND_MEMORY;
 	while (!t->v->stop && t->toggles < t->max_toggles && now_us() < t->end) {
 		seen = t->v->reports;
 		if (t->rendezvous) {
@@ -734,8 +744,7 @@ static void *kvm_toggler(void *arg)
 			if (t->v->stop || now_us() >= t->end)
 				break;
 		}
-		if (pwrite(t->self->device, &off_cmd, 2, off) != 2 ||
-		    pwrite(t->self->device, &cmd, 2, off) != 2)
+		if (set_command(t->self, off_cmd) || set_command(t->self, cmd))
 			t->errors++;
 		t->toggles++;
 		if (t->lockstep)
@@ -748,7 +757,7 @@ static void *kvm_toggler(void *arg)
 			usleep(t->toggle_us);
 		}
 	}
-	if (pwrite(t->self->device, &cmd, 2, off) != 2)
+	if (set_command(t->self, cmd))
 		t->errors++;
 	return NULL;
 }
@@ -879,7 +888,6 @@ static double vm_memory_off(FIXTURE_DATA(lab) *self, void *bar,
 			    uint64_t slot_size, unsigned long *efault,
 			    const char **why)
 {
-	off_t off = self->cfg_off + PCI_COMMAND;
 	struct vm v = { 0 };
 	uint16_t cmd, off_cmd;
 	double t0, ms = -1;
@@ -895,11 +903,9 @@ static double vm_memory_off(FIXTURE_DATA(lab) *self, void *bar,
 	while (!v.reports && !v.bad_exit && now_us() < t0 + 30e6)
 		sched_yield();
 	*why = "PCI_COMMAND";
-	if (pread(self->device, &cmd, 2, off) == 2) {
-		cmd |= PCI_COMMAND_MEMORY;
-		off_cmd = cmd & ~PCI_COMMAND_MEMORY;
+	if (!memory_cmds(self, &cmd, &off_cmd)) {
 		t0 = now_us();
-		if (pwrite(self->device, &off_cmd, 2, off) == 2) {
+		if (!set_command(self, off_cmd)) {
 			while (!v.efault && !v.bad_exit && now_us() < t0 + 10e6)
 				sched_yield();
 			if (v.efault)
@@ -907,7 +913,7 @@ static double vm_memory_off(FIXTURE_DATA(lab) *self, void *bar,
 		}
 		v.stop = true;
 		/* Memory on again: the vCPU gets out at its next report. */
-		if (pwrite(self->device, &cmd, 2, off) != 2)
+		if (set_command(self, cmd))
 			ms = -1;
 	}
 	v.stop = true;
