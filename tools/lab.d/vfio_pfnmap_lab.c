@@ -1001,8 +1001,12 @@ TEST_F_TIMEOUT(lab, kvm_race, 900)
 	EXPECT_EQ(0, v.eother);
 	EXPECT_LT(1, v.reports) TH_LOG("the guest did not run");
 	EXPECT_EQ(0, v.mismatch) TH_LOG("the guest read back what it did not write");
-	if (t.rendezvous)
+	if (t.rendezvous) {
 		EXPECT_LT(0, t.toggles) TH_LOG("no window was entered");
+		/* And in the kernel: a zap in the window fails the look-up. */
+		if (errpfn >= 0)
+			EXPECT_LT(0, errpfn) TH_LOG("no look-up failed after a fault-in");
+	}
 	EXPECT_EQ(0, v.efault) TH_LOG("KVM_RUN failed with EFAULT");
 	EXPECT_LT(0, off_efault)
 		TH_LOG("memory off: KVM_RUN did not fail (%s)", why);
