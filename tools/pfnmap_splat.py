@@ -33,6 +33,8 @@ SPLAT_PATTERNS = [
     (r'general protection fault', 'GPF'),
     (r'WARNING: CPU: \d+ PID: \d+ at ', 'WARN'),
     (r'WARNING: at ', 'WARN'),
+    # as v7.3 prints it: "WARNING: mm/foo.c:123 at func+0x1/0x2, CPU#0: comm/42"
+    (r'WARNING: \S+:\d+ at \S+, CPU#\d+', 'WARN'),
     (r'------------\[ cut here \]------------', 'WARN/BUG'),
     (r'Kernel panic - not syncing', 'panic'),
     (r'watchdog: BUG: soft lockup', 'soft lockup'),
