@@ -107,3 +107,20 @@ if __name__ == '__main__':
         print('\n'.join(stable_patches(sys.argv[2], *sys.argv[3:])))
     else:
         sys.exit('usage: pfnmap_series.py stable SERIES_FILE [VERSION]')
+
+
+def load_kunit_tool(kunit_dir, prog='lab-report'):
+    """kunit_tool's parser and printer modules from a kernel tree's
+    tools/testing/kunit; exits with a message naming the directory if it
+    has none."""
+    import sys
+    if not kunit_dir or not os.path.isfile(os.path.join(kunit_dir, 'kunit_parser.py')):
+        sys.exit(f'{prog}: error: no kunit_tool in {kunit_dir!r} '
+                 '(give --kunit-dir TREE/tools/testing/kunit)')
+    sys.path.insert(0, kunit_dir)
+    try:
+        import kunit_parser
+        import kunit_printer
+    except ImportError as e:
+        sys.exit(f'{prog}: error: cannot import kunit_tool from {kunit_dir}: {e}')
+    return kunit_parser, kunit_printer
