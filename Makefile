@@ -5,12 +5,13 @@
 SERIES ?= mainline
 CONFIG ?= debug
 
-.PHONY: help run test deps fetch apply kunit kunit-nodebug lint bisect selftest \
+.PHONY: help run test test-all deps fetch apply kunit kunit-nodebug lint bisect selftest \
 	mutants measure lab lab-measure list clean-cache
 
 help:
 	@echo "make run        main job: fetch base, apply series/$(SERIES), build and run the KUnit suites, print results"
-	@echo "make test       every check (self-tests, lint, apply, bisect build, KUnit debug, mutants); ends 'N passed, N failed'"
+	@echo "make test       every check CI runs (every series; bisect, mutants and lab for mainline only); ends 'N passed, N failed'"
+	@echo "make test-all   every check, bisect builds, mutants and labs of the backports too (longer than CI's budget)"
 	@echo "make deps       install the Debian packages the tools use"
 	@echo "make fetch      download and commit the base tree of series/$(SERIES)"
 	@echo "make apply      apply series/$(SERIES) to its base (git am) in the cache"
@@ -30,6 +31,9 @@ run: deps
 
 test:
 	tools/check
+
+test-all:
+	tools/check --all
 
 deps:
 	tools/deps
@@ -56,7 +60,7 @@ selftest:
 	tools/selftest
 
 mutants:
-	tools/check --series $(SERIES) --only mutants
+	tools/check --series $(SERIES) --only mutants --all
 
 measure: deps
 	tools/measure --series $(SERIES)

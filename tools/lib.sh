@@ -96,14 +96,27 @@ export_git_identity() {
 	export GIT_COMMITTER_NAME="pfnmap workbench" GIT_COMMITTER_EMAIL="workbench@pfnmap.invalid"
 }
 
-# kunit_fragments CONFIG -> the config fragments of a KUnit kernel (which is
-# also the lab guest), one per line: kunit/*.kunitconfig, configs/lab.config,
+# kunit_fragments CONFIG [SERIES] -> the config fragments of a KUnit kernel
+# (which is also the lab guest), one per line: the kunit/NAME.kunitconfig
+# files that the header "kunit-configs: NAME..." of series/SERIES names
+# (all of kunit/*.kunitconfig without that header), configs/lab.config,
 # configs/CONFIG.config.
 kunit_fragments() {
-	local f
-	for f in "$TOP"/kunit/*.kunitconfig "$TOP/configs/lab.config" "$TOP/configs/$1.config"; do
-		echo "$f"
-	done
+	local f names="" n
+	[ -n "${2:-}" ] && names=$(series_header "$(series_file "$2")" kunit-configs)
+	if [ -n "$names" ]; then
+		for n in $names; do
+			f=$TOP/kunit/$n.kunitconfig
+			[ -f "$f" ] || die "series/$2: kunit-configs names '$n', but there is no kunit/$n.kunitconfig"
+			echo "$f"
+		done
+	else
+		for f in "$TOP"/kunit/*.kunitconfig; do
+			echo "$f"
+		done
+	fi
+	echo "$TOP/configs/lab.config"
+	echo "$TOP/configs/$1.config"
 }
 
 # kernel_cc: set KCC to the CC= value for kernel builds, "ccache gcc" with

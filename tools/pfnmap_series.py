@@ -124,3 +124,21 @@ def load_kunit_tool(kunit_dir, prog='lab-report'):
     except ImportError as e:
         sys.exit(f'{prog}: error: cannot import kunit_tool from {kunit_dir}: {e}')
     return kunit_parser, kunit_printer
+
+
+def parse_ktap(kunit_parser, kunit_printer, lines):
+    """kunit_parser.parse_run_tests() of any supported tree's kunit_tool,
+    without printing: 7.x's takes a printer; 6.12's takes none and prints
+    through kunit_printer.stdout, which is pointed at a sink meanwhile."""
+    import inspect
+    import io
+    if 'printer' in inspect.signature(kunit_parser.parse_run_tests).parameters:
+        return kunit_parser.parse_run_tests(
+            lines, kunit_printer.Printer(print=True, output=io.StringIO()))
+    out = kunit_printer.stdout
+    saved = out._output
+    out._output = io.StringIO()
+    try:
+        return kunit_parser.parse_run_tests(lines)
+    finally:
+        out._output = saved
