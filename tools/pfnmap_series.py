@@ -126,7 +126,7 @@ def load_kunit_tool(kunit_dir, prog='lab-report'):
     return kunit_parser, kunit_printer
 
 
-def parse_ktap(kunit_parser, kunit_printer, lines):
+def parse_run_tests(kunit_parser, kunit_printer, lines):
     """kunit_parser.parse_run_tests() of any supported tree's kunit_tool,
     without printing: 7.x's takes a printer; 6.12's takes none and prints
     through kunit_printer.stdout, which is pointed at a sink meanwhile."""

@@ -345,8 +345,12 @@ static bool in_window(int tid)
 
 enum kev { KEV_FAULTIN, KEV_LOOKUP, KEV_RETRY, KEV_ZAP, KEV_ERRPFN, KEV_SIGBUS, NKEV };
 
+/*
+ * @def is the probe; @older, if set, is tried first: the same event on an
+ * older kernel, whose function the newer kernels do not have.
+ */
 static const struct {
-	const char *name, *def, *trigger;
+	const char *name, *def, *trigger, *older;
 } kevs[NKEV] = {
 	[KEV_FAULTIN] = { "faultin", "r:lab/faultin fixup_user_fault ret=$retval:s32",
 			  "hist:keys=common_pid:t0=common_timestamp if ret == 0" },
@@ -357,9 +361,14 @@ static const struct {
 			"hist:keys=common_pid if ret == -11" },
 	[KEV_ZAP] = { "zap", "p:lab/zap vfio_pci_zap_and_down_write_memory_lock",
 		      "hist:keys=common_pid" },
-	/* KVM_PFN_ERR_FAULT from the fault-in */
+	/*
+	 * KVM_PFN_ERR_FAULT from the fault-in: __kvm_faultin_pfn() since
+	 * 6.13; 6.12 has __gfn_to_pfn_memslot() (and an x86 __kvm_faultin_pfn()
+	 * of its own that returns no pfn, hence the order).
+	 */
 	[KEV_ERRPFN] = { "errpfn", "r:lab/errpfn __kvm_faultin_pfn ret=$retval:x64",
-			 "hist:keys=common_pid if ret == 0x7ff0000000000000" },
+			 "hist:keys=common_pid if ret == 0x7ff0000000000000",
+			 "r:lab/errpfn __gfn_to_pfn_memslot ret=$retval:x64" },
 	/* VM_FAULT_SIGBUS: a device fault refused, memory off */
 	[KEV_SIGBUS] = { "sigbus", "r:lab/sigbus vfio_pci_mmap_huge_fault ret=$retval:x32",
 			 "hist:keys=common_pid if ret == 2" },
@@ -448,7 +457,11 @@ static void kc_start(struct kcount *kc, unsigned int mask)
 		kc->n[i] = -1;
 		if (!(mask & KC(i)))
 			continue;
-		ret = tracefs_write("kprobe_events", kevs[i].def, true);
+		ret = -ENOENT;
+		if (kevs[i].older)
+			ret = tracefs_write("kprobe_events", kevs[i].older, true);
+		if (ret)
+			ret = tracefs_write("kprobe_events", kevs[i].def, true);
 		if (ret)
 			printf("# kcount: %s: %s\n", kevs[i].def, strerror(-ret));
 		kc->on[i] = !ret;
