@@ -34,6 +34,13 @@
  *   race_pte        the same with the BAR mapped 4 KiB off that alignment,
  *                   so that every kernel maps PTEs (LAB_RACE_PTE_LEN bytes
  *                   per call, a fault-in per page)
+ *   race_unmap      race_pud, and on every other call the second thread
+ *                   also munmap()s the BAR, which a third thread's zap of
+ *                   the retry's window lets in while the retry has dropped
+ *                   the mmap lock: the retry finds no VMA.  MAP_DMA must
+ *                   fail with EFAULT then, as for any unmapped range: not
+ *                   EINVAL, and no new error (the first revision of the
+ *                   type1 retry returned EAGAIN).
  *   walk_race       seed 000 end to end: PUD leaves, and the second thread
  *                   reads /proc/self/smaps or /proc/self/numa_maps inside
  *                   each window.  A page walk must not zap (split) the
@@ -676,10 +683,13 @@ TEST_F_TIMEOUT(lab, map_dma, 900)
  * waits for the call to return: one window entered per call.  Other actors
  * act every r->period_us.
  */
-enum act { ACT_TOGGLE, ACT_WALK, ACT_MPROTECT, ACT_FORK, ACT_REMAP, NACT };
+enum act {
+	ACT_TOGGLE, ACT_WALK, ACT_MPROTECT, ACT_FORK, ACT_REMAP, ACT_UNMAP, ACT_REZAP,
+	NACT
+};
 
 static const char *const act_name[NACT] = {
-	"toggles", "walks", "mprotects", "forks", "remaps",
+	"toggles", "walks", "mprotects", "forks", "remaps", "unmaps", "rezaps",
 };
 
 struct race {
@@ -750,7 +760,19 @@ static int act_once(struct actor *a, unsigned long i)
 		pthread_mutex_unlock(&r->map_lock);
 		return ret;
 	case ACT_TOGGLE:
+	case ACT_REZAP:
 		if (set_command(r->self, r->off) || set_command(r->self, r->on))
+			return -errno;
+		return 0;
+	case ACT_UNMAP:
+		/*
+		 * A lost race, and on odd calls the BAR unmapped too: munmap()
+		 * waits for the mmap lock until the retry drops it.  The MAP_DMA
+		 * thread maps the BAR again before its next call.
+		 */
+		if (set_command(r->self, r->off) || set_command(r->self, r->on))
+			return -errno;
+		if ((i & 1) && munmap(r->bar, r->self->bar_size))
 			return -errno;
 		return 0;
 	case ACT_WALK:
@@ -786,6 +808,15 @@ static void *actor_thread(void *arg)
 				break;
 		}
 		seen = r->calls;
+		if (a->act == ACT_REZAP && r->rendezvous) {
+			/* Not this window: the next one of the same call, its retry's. */
+			while (!r->stop && r->calls == seen && in_window(r->tid))
+				sched_yield();
+			while (!r->stop && r->calls == seen && !in_window(r->tid))
+				sched_yield();
+			if (r->stop || r->calls != seen)
+				continue;
+		}
 		ret = act_once(a, i++);
 		if (ret) {
 			a->errors++;
@@ -884,10 +915,11 @@ static void race_note(const char *prefix, struct dma_result *res, struct actor *
  * Run the MAP_DMA loop against @nactors actors; with @rendezvous, the
  * actors act inside the windows (if the kernel has the lab's delay).
  */
-static void race_run(struct __test_metadata *_metadata, FIXTURE_DATA(lab) *self,
-		     const char *prefix, enum bar_at at, unsigned long len,
-		     unsigned long off2, bool rendezvous, struct actor *actors,
-		     int nactors, struct dma_result *res, struct kcount *kc)
+static void race_run_min(struct __test_metadata *_metadata, FIXTURE_DATA(lab) *self,
+			 const char *prefix, enum bar_at at, unsigned long len,
+			 unsigned long off2, bool rendezvous, unsigned long min_delay,
+			 struct actor *actors, int nactors, struct dma_result *res,
+			 struct kcount *kc)
 {
 	unsigned long iters = env_ul("LAB_RACE_ITERS", 400);
 	unsigned long seconds = env_ul("LAB_RACE_SECONDS", 20);
@@ -895,6 +927,8 @@ static void race_run(struct __test_metadata *_metadata, FIXTURE_DATA(lab) *self,
 	struct race r = { .self = self, .map_lock = PTHREAD_MUTEX_INITIALIZER };
 	int i;
 
+	if (delay && delay < min_delay)
+		delay = min_delay;
 	r.period_us = env_ul("LAB_TOGGLE_US", 3000);
 	r.bar = map_bar(self, at);
 	ASSERT_NE(NULL, r.bar);
@@ -936,9 +970,19 @@ static void race_run(struct __test_metadata *_metadata, FIXTURE_DATA(lab) *self,
 		if (kc->windows >= 0)
 			EXPECT_LT(0, kc->windows) TH_LOG("no fault-in was followed by a look-up");
 		/* A toggle in a window undoes the fault-in: the look-up finds nothing. */
-		if (actors[0].act == ACT_TOGGLE && kc->lost >= 0 && actors[0].done)
+		if ((actors[0].act == ACT_TOGGLE || actors[0].act == ACT_UNMAP) &&
+		    kc->lost >= 0 && actors[0].done)
 			EXPECT_LT(0, kc->lost) TH_LOG("no look-up found its fault-in undone");
 	}
+}
+
+static void race_run(struct __test_metadata *_metadata, FIXTURE_DATA(lab) *self,
+		     const char *prefix, enum bar_at at, unsigned long len,
+		     unsigned long off2, bool rendezvous, struct actor *actors,
+		     int nactors, struct dma_result *res, struct kcount *kc)
+{
+	race_run_min(_metadata, self, prefix, at, len, off2, rendezvous, 0, actors,
+		     nactors, res, kc);
 }
 
 /* Can the BAR hold a PUD leaf where map_bar(BAR_PUD) puts it? */
@@ -967,6 +1011,33 @@ TEST_F_TIMEOUT(lab, race_pte, 900)
 
 	race_run(_metadata, self, "pte", BAR_PTE, env_ul("LAB_RACE_PTE_LEN", 16 * SZ_4K), 0,
 		 true, a, 1, &res, &kc);
+}
+
+/*
+ * A lost race whose retry finds the range unmapped: EFAULT, as for any
+ * unmapped range, on the odd calls, on which the first actor unmaps; the
+ * even ones retry and succeed.  The first actor zaps the first window of
+ * each call and then calls munmap(), which waits for the mmap lock that
+ * the MAP_DMA thread holds for read in the window.  When the lost race
+ * drops the lock, the reader usually takes it straight back (rwsem lets a
+ * reader steal it from a writer just woken), but a writer that has waited
+ * longer than rwsem's wait timeout (a few ms) may set the hand-off bit,
+ * so the second actor zaps the next window too (the retry's), and on that
+ * lost race the lock can go to munmap() before the retry looks again.
+ * LAB_UNMAP_DELAY_US (20 ms) makes each window longer than that timeout.
+ * Not every unmapping call gets there (Documentation/lab.rst has the
+ * counts): the test fails only on what does.
+ */
+TEST_F_TIMEOUT(lab, race_unmap, 900)
+{
+	struct actor a[] = { { .act = ACT_UNMAP }, { .act = ACT_REZAP } };
+	struct dma_result res;
+	struct kcount kc;
+
+	if (!pud_fits(self))
+		SKIP(return, "the BAR cannot hold a PUD leaf");
+	race_run_min(_metadata, self, "unmap", BAR_PUD, env_ul("LAB_RACE_LEN", SZ_2M), 0,
+		     true, env_ul("LAB_UNMAP_DELAY_US", 20000), a, 2, &res, &kc);
 }
 
 /*
