@@ -96,26 +96,38 @@ export_git_identity() {
 	export GIT_COMMITTER_NAME="pfnmap workbench" GIT_COMMITTER_EMAIL="workbench@pfnmap.invalid"
 }
 
-# kunit_fragments CONFIG [SERIES] -> the config fragments of a KUnit kernel
-# (which is also the lab guest), one per line: the kunit/NAME.kunitconfig
+# kunit_fragments CONFIG [SERIES [ARCH]] -> the config fragments of a KUnit
+# kernel of ARCH (default x86_64), one per line: the kunit/NAME.kunitconfig
 # files that the header "kunit-configs: NAME..." of series/SERIES names
-# (all of kunit/*.kunitconfig without that header), configs/lab.config,
-# configs/CONFIG.config.
+# (all of kunit/*.kunitconfig without that header), less those whose line
+# "# arch: LIST" does not name ARCH; then the arch fragment
+# (configs/lab.config on x86_64, where the KUnit kernel is also the lab
+# guest; configs/ARCH.config elsewhere) and configs/CONFIG.config.
 kunit_fragments() {
-	local f names="" n
+	local f names="" n arch=${3:-x86_64} list=()
 	[ -n "${2:-}" ] && names=$(series_header "$(series_file "$2")" kunit-configs)
 	if [ -n "$names" ]; then
 		for n in $names; do
 			f=$TOP/kunit/$n.kunitconfig
 			[ -f "$f" ] || die "series/$2: kunit-configs names '$n', but there is no kunit/$n.kunitconfig"
-			echo "$f"
+			list+=("$f")
 		done
 	else
-		for f in "$TOP"/kunit/*.kunitconfig; do
-			echo "$f"
-		done
+		list=("$TOP"/kunit/*.kunitconfig)
 	fi
-	echo "$TOP/configs/lab.config"
+	for f in "${list[@]}"; do
+		n=$(series_header "$f" arch)
+		if [ -n "$n" ] && ! [[ " $n " == *" $arch "* ]]; then
+			continue
+		fi
+		echo "$f"
+	done
+	if [ "$arch" = x86_64 ]; then
+		echo "$TOP/configs/lab.config"
+	else
+		[ -f "$TOP/configs/$arch.config" ] || die "no configs/$arch.config for a KUnit kernel of $arch"
+		echo "$TOP/configs/$arch.config"
+	fi
 	echo "$TOP/configs/$1.config"
 }
 
