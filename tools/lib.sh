@@ -89,6 +89,140 @@ need_cmds() {
 	die "missing command(s): ${missing[*]} (run 'make deps' or tools/deps to install them)"
 }
 
+# --- private apt state -------------------------------------------------------
+# Packages that the machine's own suite lacks (base trees, a newer b4) are
+# downloaded with a private apt state below the cache and a sources file
+# built from the archive URI already configured in /etc/apt/sources*: the
+# machine's own apt configuration is never changed.
+#
+# archive_uri WANT_SECURITY -> "URI<TAB>SUITES<TAB>KEY" of the first source
+# that is (1) or is not (0) a *-security suite.  Both deb822 (.sources) and
+# one-line (sources.list) formats are read; PFNMAP_APT_ETC replaces /etc/apt.
+archive_uri() {
+	local want_security=$1 f
+	local etc=${PFNMAP_APT_ETC:-/etc/apt}
+	{
+		for f in "$etc"/sources.list.d/*.sources; do
+			[ -f "$f" ] || continue
+			awk -v RS= '{
+				uri=""; suites=""; key=""
+				n=split($0, L, "\n")
+				for (i=1;i<=n;i++) {
+					if (L[i] ~ /^URIs:/)      { sub(/^URIs:[ \t]*/, "", L[i]); uri=L[i] }
+					if (L[i] ~ /^Suites:/)    { sub(/^Suites:[ \t]*/, "", L[i]); suites=L[i] }
+					if (L[i] ~ /^Signed-By:/) { sub(/^Signed-By:[ \t]*/, "", L[i]); key=L[i] }
+					if (L[i] ~ /^Types:/ && L[i] !~ /deb( |$)/) { uri="" }
+				}
+				split(uri, U, " ")
+				if (U[1] != "") print U[1] "\t" suites "\t" key
+			}' "$f"
+		done
+		for f in "$etc"/sources.list "$etc"/sources.list.d/*.list; do
+			[ -f "$f" ] || continue
+			awk '$1=="deb" {
+				key=""; i=2
+				if ($2 ~ /^\[/) { while ($i !~ /\]$/) { if ($i ~ /signed-by=/) key=$i; i++ }
+				                  if ($i ~ /signed-by=/) key=$i; i++ }
+				sub(/.*signed-by=/, "", key); sub(/\]$/, "", key)
+				print $i "\t" $(i+1) "\t" key
+			}' "$f"
+		done
+	} | awk -F'\t' -v sec="$want_security" '
+		{ s = ($2 ~ /-security/) }
+		s == sec && !done { print; done = 1 }'
+}
+
+# private_apt SUITE: set APT_DIR, APT_OPTS, APT_URI and APT_KEY for a
+# private apt state of SUITE ($CACHE/apt/SUITE).
+private_apt() {
+	APT_SUITE=$1
+	local is_sec=0 line
+	case "$APT_SUITE" in *-security) is_sec=1 ;; esac
+	line=$(archive_uri $is_sec || true)
+	APT_URI=$(printf '%s' "$line" | cut -f1)
+	APT_KEY=$(printf '%s' "$line" | cut -f3)
+	[ -z "$APT_KEY" ] && APT_KEY=/usr/share/keyrings/debian-archive-keyring.gpg
+	APT_DIR=$CACHE/apt/$APT_SUITE
+	mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/cache/archives/partial" "$APT_DIR/parts" "$APT_DIR/prefs"
+	APT_OPTS=(
+		-o "Dir::State=$APT_DIR"
+		-o "Dir::State::Lists=$APT_DIR/lists"
+		-o "Dir::State::status=$APT_DIR/status"
+		-o "Dir::Cache=$APT_DIR/cache"
+		-o "Dir::Etc::SourceList=$APT_DIR/sources.list"
+		-o "Dir::Etc::SourceParts=$APT_DIR/parts"
+		-o "Dir::Etc::Preferences=$APT_DIR/prefs/none"
+		-o "Dir::Etc::PreferencesParts=$APT_DIR/prefs"
+		-o "APT::Sandbox::User=root"
+		-o "Debug::NoLocking=1"
+		-o "APT::Architecture=amd64"
+		-o "Acquire::Languages=none"
+	)
+	: >"$APT_DIR/status"
+}
+
+# private_apt_update PKG HINT: refresh the package list of the private state
+# (private_apt first); PKG names what it is for, HINT what to do when the
+# archive cannot be reached.
+private_apt_update() {
+	local pkg=$1 hint=$2 suite=$APT_SUITE
+	[ -n "$APT_URI" ] || die "no Debian archive URI found in /etc/apt/sources.list or /etc/apt/sources.list.d/*.sources (needed to download $pkg from suite $suite)"
+	echo "deb [signed-by=$APT_KEY] $APT_URI $suite main" >"$APT_DIR/sources.list"
+	info "refreshing the package list of suite '$suite' (private apt state in $APT_DIR)"
+	if ! apt-get "${APT_OPTS[@]}" -q update >"$APT_DIR/update.log" 2>&1; then
+		sed 's/^/  apt: /' "$APT_DIR/update.log" | tail -n 8 >&2
+		die "cannot reach the Debian archive for suite '$suite' (the URI configured in /etc/apt/sources*); $hint"
+	fi
+	# apt-get update exits 0 when it cannot fetch an index: it only warns.
+	if grep -qE 'Failed to fetch|Could not connect|Could not resolve|Temporary failure resolving|Unable to connect' "$APT_DIR/update.log"; then
+		grep -E '^(W|E): ' "$APT_DIR/update.log" | sed 's/^/  apt: /' >&2
+		die "cannot reach the Debian archive for suite '$suite' (the URI configured in /etc/apt/sources*); $hint"
+	fi
+	if grep -qE '^(W|E): ' "$APT_DIR/update.log"; then
+		grep -E '^(W|E): ' "$APT_DIR/update.log" | sed 's/^/  apt: /' >&2
+		if grep -q '^E: ' "$APT_DIR/update.log"; then
+			die "apt could not read suite '$suite' from the archive"
+		fi
+	fi
+}
+
+# private_apt_versions PKG -> the versions of PKG in the private state,
+# newest first
+private_apt_versions() {
+	apt-cache "${APT_OPTS[@]}" madison "$1" 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' |
+		sort -u | python3 -c '
+import sys, subprocess, functools
+vs = [l.strip() for l in sys.stdin if l.strip()]
+def cmp(a, b):
+    if a == b: return 0
+    return -1 if subprocess.call(["dpkg", "--compare-versions", a, "lt", b]) == 0 else 1
+for v in sorted(vs, key=functools.cmp_to_key(cmp), reverse=True): print(v)'
+}
+
+# private_apt_download PKG VERSION DEST: download PKG=VERSION with the private
+# state, check its sha256 against the archive's Packages entry, move it to
+# DEST and record the hash in DEST.sha256.
+private_apt_download() {
+	local pkg=$1 ver=$2 dest=$3 got want have
+	rm -f "$APT_DIR/cache/archives/"*.deb
+	(cd "$APT_DIR/cache/archives" && apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") >"$APT_DIR/download.log" 2>&1 || {
+		sed 's/^/  apt: /' "$APT_DIR/download.log" | tail -n 8 >&2
+		die "apt-get download $pkg=$ver failed"
+	}
+	got=$(ls "$APT_DIR/cache/archives/"*.deb 2>/dev/null | head -n1)
+	[ -n "$got" ] || die "apt-get download reported success but left no .deb"
+	# apt checked the file against the signed Release/Packages; check it again
+	# against the Packages entry ourselves and record the hash for later reuse.
+	want=$(apt-cache "${APT_OPTS[@]}" show "$pkg=$ver" | sed -n 's/^SHA256: //p' | head -n1)
+	have=$(sha256sum "$got" | cut -d' ' -f1)
+	[ -n "$want" ] && [ "$want" = "$have" ] ||
+		die "checksum mismatch for $(basename "$got"): archive says '$want', file has '$have'"
+	mkdir -p "$(dirname "$dest")"
+	mv "$got" "$dest"
+	(cd "$(dirname "$dest")" && sha256sum "$(basename "$dest")" >"$(basename "$dest").sha256")
+	info "verified sha256 $have of $(basename "$dest")"
+}
+
 # Fixed identity and dates so that the base commit and the applied series
 # get the same commit ids on every machine.
 export_git_identity() {
