@@ -7,7 +7,7 @@ CONFIG ?= debug
 PAGE_SIZE ?= 4k
 
 .PHONY: help run test test-all test-arm64 deps fetch apply kunit kunit-nodebug kunit-arm64 lint bisect selftest \
-	mutants measure lab lab-measure list clean-cache
+	mutants measure lab lab-measure send list clean-cache
 
 help:
 	@echo "make run        main job: fetch base, apply series/$(SERIES), build and run the KUnit suites, print results"
@@ -18,6 +18,7 @@ help:
 	@echo "make fetch      download and commit the base tree of series/$(SERIES)"
 	@echo "make apply      apply series/$(SERIES) to its base (git am) in the cache"
 	@echo "make kunit      build and run the KUnit suites (CONFIG=debug|nodebug)"
+	@echo "make kunit-nodebug the same, CONFIG=nodebug"
 	@echo "make kunit-arm64 the same on arm64 (PAGE_SIZE=4k|16k|64k)"
 	@echo "make lint       checkpatch --strict and trailer checks on every patch"
 	@echo "make bisect     build every patch of series/$(SERIES) on its own"
@@ -26,6 +27,7 @@ help:
 	@echo "make measure    the numbers the series claims, on a kernel without debug options"
 	@echo "make lab        end-to-end VFIO lab in QEMU (vfio-pci, type1, VT-d): base, mutant, patched"
 	@echo "make lab-measure the lab on kernels without debug options (the timings of the table)"
+	@echo "make send       prepare series/$(SERIES) for b4 as you (git config user.name/email) and render every mail offline; sends nothing"
 	@echo "make list       the numbered patches of series/$(SERIES)"
 	@echo "Variables: SERIES=$(SERIES) CONFIG=$(CONFIG) PAGE_SIZE=$(PAGE_SIZE); environment: KSRC, PFNMAP_CACHE, JOBS"
 
@@ -73,6 +75,9 @@ mutants:
 
 measure: deps
 	tools/measure --series $(SERIES)
+
+send: deps
+	tools/send --series $(SERIES)
 
 lab: deps
 	tools/lab --series $(SERIES) --config $(CONFIG)
