@@ -223,6 +223,50 @@ private_apt_download() {
 	info "verified sha256 $have of $(basename "$dest")"
 }
 
+# --- one run per cache ---------------------------------------------------------
+# Tools that change the cache (worktrees, build directories, results, the
+# base trees) take its lock, $CACHE/.lock, for as long as they run.  A
+# second run fails at once and says who holds it, instead of resetting a
+# worktree under a build.  Children of the holder (tools/check running
+# tools/kunit running tools/apply) see PFNMAP_LOCK_HELD naming the same
+# cache and go on; the lock is a flock on a descriptor they inherit.
+take_lock() {
+	local real
+	mkdir -p "$CACHE"
+	real=$(cd "$CACHE" && pwd -P)
+	[ "${PFNMAP_LOCK_HELD:-}" = "$real" ] && return 0
+	need_cmds flock
+	exec 9>>"$real/.lock"
+	if ! flock -n 9; then
+		die "another workbench run is using the cache $real ($(cat "$real/.lock.who" 2>/dev/null || echo 'holder unknown')); wait for it to end, or give this run its own cache with PFNMAP_CACHE=DIR"
+	fi
+	echo "pid $$, $PROG, since $(date -u +%H:%M:%S) UTC" >"$real/.lock.who"
+	export PFNMAP_LOCK_HELD=$real
+}
+
+# progress LABEL LOG PID: until PID exits, report LABEL, the time elapsed
+# and the last line of LOG: refreshed in place every 2 s on a terminal,
+# as a line every 60 s otherwise (CI logs).  Returns PID's exit status.
+progress() {
+	local label=$1 log=$2 pid=$3 t0 now last tty=0 next=60 rc=0
+	t0=$(date +%s)
+	[ -t 2 ] && tty=1
+	while kill -0 "$pid" 2>/dev/null; do
+		sleep 2
+		now=$(($(date +%s) - t0))
+		last=$(tail -n 1 "$log" 2>/dev/null | tr -d '\r' | cut -c1-70)
+		if [ $tty = 1 ]; then
+			printf '\r\033[K%s: %s %dm%02ds  %s' "$PROG" "$label" $((now / 60)) $((now % 60)) "$last" >&2
+		elif [ $now -ge $next ]; then
+			printf '%s: %s %dm%02ds  %s\n' "$PROG" "$label" $((now / 60)) $((now % 60)) "$last" >&2
+			next=$((next + 60))
+		fi
+	done
+	[ $tty = 1 ] && printf '\r\033[K' >&2
+	wait "$pid" || rc=$?
+	return $rc
+}
+
 # Fixed identity and dates so that the base commit and the applied series
 # get the same commit ids on every machine.
 export_git_identity() {

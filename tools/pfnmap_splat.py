@@ -2,6 +2,7 @@
 """Kernel reports (KASAN, lockdep, DEBUG_VM, WARN, Oops, ...) in a console
 log: shared by tools/kunit-report and tools/lab-report."""
 import re
+from typing import List, Tuple
 
 # A kernel report: the line that starts it.  Kept specific so that test
 # names or KUnit diagnostics do not match by accident.
@@ -48,7 +49,7 @@ SPLAT_RE = [(re.compile(p), what) for p, what in SPLAT_PATTERNS]
 TS_RE = re.compile(r'^\s*\[\s*(\d+\.\d+)\]\s?')
 
 
-def find_splats(lines):
+def find_splats(lines: List[str]) -> List[Tuple[int, str, List[str]]]:
     """Return [(line_no, kind, context_lines)] for every kernel report."""
     found = []
     skip_until = -1
