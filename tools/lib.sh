@@ -205,7 +205,9 @@ for v in sorted(vs, key=functools.cmp_to_key(cmp), reverse=True): print(v)'
 private_apt_download() {
 	local pkg=$1 ver=$2 dest=$3 got want have
 	rm -f "$APT_DIR/cache/archives/"*.deb
-	(cd "$APT_DIR/cache/archives" && apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") >"$APT_DIR/download.log" 2>&1 || {
+	(cd "$APT_DIR/cache/archives" && exec apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") \
+		>"$APT_DIR/download.log" 2>&1 &
+	progress "downloading $pkg=$ver" "$APT_DIR/download.log" $! || {
 		sed 's/^/  apt: /' "$APT_DIR/download.log" | tail -n 8 >&2
 		die "apt-get download $pkg=$ver failed"
 	}
