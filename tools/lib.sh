@@ -253,6 +253,9 @@ progress() {
 	local label=$1 log=$2 pid=$3 t0 now last tty=0 next=60 rc=0
 	t0=$(date +%s)
 	[ -t 2 ] && tty=1
+	# A background job of a script ignores SIGINT: pass it on.
+	# shellcheck disable=SC2064
+	trap "kill $pid 2>/dev/null; exit 130" INT TERM
 	while kill -0 "$pid" 2>/dev/null; do
 		sleep 2
 		now=$(($(date +%s) - t0))
@@ -265,6 +268,7 @@ progress() {
 		fi
 	done
 	[ $tty = 1 ] && printf '\r\033[K' >&2
+	trap - INT TERM
 	wait "$pid" || rc=$?
 	return $rc
 }
