@@ -40,21 +40,27 @@ def series_header(path: str, key: str) -> str:
     return ''
 
 
+def header_of(text: str, name: str) -> str:
+    """A header of a mail or git format-patch text, unfolded ('' if absent)."""
+    head = text.split('\n\n', 1)[0]
+    m = re.search(r'^' + re.escape(name) + r': (.*(?:\n[ \t].*)*)', head, re.M)
+    return re.sub(r'\s*\n[ \t]+', ' ', m.group(1)).strip() if m else ''
+
+
 def patch_subject(path: str) -> str:
     """The subject of a git format-patch file, unfolded, without [PATCH]."""
-    subj: Optional[str] = None
     with open(path, errors='replace') as f:
-        for line in f:
-            if subj is not None:
-                if line.startswith((' ', '\t')):
-                    subj += ' ' + line.strip()
-                    continue
-                break
-            if line.startswith('Subject: '):
-                subj = line[len('Subject: '):].strip()
-            elif not line.strip():
-                break
-    return re.sub(r'^\[[^\]]*\]\s*', '', subj or '')
+        subj = header_of(f.read(), 'Subject')
+    return re.sub(r'^\[[^\]]*\]\s*', '', subj)
+
+
+def has_history(tree: str, rev: str = 'HEAD') -> bool:
+    """Whether @rev of the git tree has a parent: a base made from a Debian
+    tarball is one commit, where no Fixes: sha can be looked up."""
+    import subprocess
+    r = subprocess.run(['git', '-C', tree, 'rev-list', '--count', '--max-count=2', rev],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout.strip() not in ('', '0', '1')
 
 
 STABLE_RE = re.compile(r'^Cc: stable@vger\.kernel\.org(?:\s*#\s*(?:[^:]*:\s*)?(.*))?$',
