@@ -36,7 +36,7 @@ SPLAT_PATTERNS = [
     (r'WARNING: at ', 'WARN'),
     # as v7.3 prints it: "WARNING: mm/foo.c:123 at func+0x1/0x2, CPU#0: comm/42"
     (r'WARNING: \S+:\d+ at \S+, CPU#\d+', 'WARN'),
-    (r'------------\[ cut here \]------------', 'WARN/BUG'),
+    (r'------------\[ cut here \]------------', 'WARN/BUG'),  # CUT_HERE
     (r'Kernel panic - not syncing', 'panic'),
     (r'watchdog: BUG: soft lockup', 'soft lockup'),
     (r'rcu: INFO: .* detected stalls', 'RCU stall'),
@@ -46,6 +46,7 @@ SPLAT_PATTERNS = [
     (r'BUG: workqueue leaked', 'workqueue'),
 ]
 SPLAT_RE = [(re.compile(p), what) for p, what in SPLAT_PATTERNS]
+CUT_HERE = 'WARN/BUG'
 TS_RE = re.compile(r'^\s*\[\s*(\d+\.\d+)\]\s?')
 
 
@@ -59,8 +60,24 @@ def find_splats(lines: List[str]) -> List[Tuple[int, str, List[str]]]:
         text = TS_RE.sub('', line)
         for rx, what in SPLAT_RE:
             if rx.search(text):
+                if what == CUT_HERE:
+                    what = cut_here_kind(lines[i + 1:i + 4])
                 ctx = lines[max(0, i - 2):i + 25]
                 found.append((i + 1, what, ctx))
                 skip_until = i + 25
                 break
     return found
+
+
+def cut_here_kind(following: List[str]) -> str:
+    """The kind of the report that a "cut here" line opens, from the
+    lines after it: "kernel BUG at" makes it a BUG (a crash), a WARNING
+    line a WARN.  A BUG() trace with KASAN runs far past 25 lines, so the
+    "Oops" and "Kernel panic" lines after it would otherwise be skipped,
+    or seen as a separate crash, and the report itself taken for a WARN."""
+    for line in following:
+        text = TS_RE.sub('', line)
+        for rx, what in SPLAT_RE:
+            if what != CUT_HERE and rx.search(text):
+                return what
+    return CUT_HERE
