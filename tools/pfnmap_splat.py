@@ -4,6 +4,9 @@ log: shared by tools/kunit-report and tools/lab-report."""
 import re
 from typing import List, Tuple
 
+# The "cut here" line opens a WARN or a BUG(); the line after it says which.
+CUT_HERE = 'WARN/BUG'
+
 # A kernel report: the line that starts it.  Kept specific so that test
 # names or KUnit diagnostics do not match by accident.
 SPLAT_PATTERNS = [
@@ -36,7 +39,7 @@ SPLAT_PATTERNS = [
     (r'WARNING: at ', 'WARN'),
     # as v7.3 prints it: "WARNING: mm/foo.c:123 at func+0x1/0x2, CPU#0: comm/42"
     (r'WARNING: \S+:\d+ at \S+, CPU#\d+', 'WARN'),
-    (r'------------\[ cut here \]------------', 'WARN/BUG'),  # CUT_HERE
+    (r'------------\[ cut here \]------------', CUT_HERE),
     (r'Kernel panic - not syncing', 'panic'),
     (r'watchdog: BUG: soft lockup', 'soft lockup'),
     (r'rcu: INFO: .* detected stalls', 'RCU stall'),
@@ -46,7 +49,6 @@ SPLAT_PATTERNS = [
     (r'BUG: workqueue leaked', 'workqueue'),
 ]
 SPLAT_RE = [(re.compile(p), what) for p, what in SPLAT_PATTERNS]
-CUT_HERE = 'WARN/BUG'
 TS_RE = re.compile(r'^\s*\[\s*(\d+\.\d+)\]\s?')
 
 
