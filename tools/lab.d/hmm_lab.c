@@ -61,30 +61,12 @@
 #include <sys/wait.h>
 
 #include "kselftest_harness.h"
+#include "lab_common.h"
 #include <lib/test_hmm_uapi.h>
 
 #define SZ_2M		(2UL << 20)
 #define TRACEFS		"/sys/kernel/tracing"
 #define MUTANT_WINDOWS	"/sys/module/migrate_device/parameters/hmm_split_windows"
-
-static void note(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	printf("# lab: ");
-	vprintf(fmt, ap);
-	printf("\n");
-	va_end(ap);
-	fflush(stdout);
-}
-
-static unsigned long env_ul(const char *name, unsigned long def)
-{
-	const char *s = getenv(name);
-
-	return s && *s ? strtoul(s, NULL, 0) : def;
-}
 
 static double now_s(void)
 {
@@ -169,6 +151,23 @@ static bool supported(int fd)
 	ret = migrate_fault(fd, p, getpagesize(), 0, NULL);
 	munmap(p, SZ_2M);
 	return ret != -EINVAL;
+}
+
+/* The device, or -1 and why not: the tests skip on a kernel without it. */
+static int open_dmirror(const char **why)
+{
+	int fd = open("/dev/hmm_dmirror0", O_RDWR);
+
+	if (fd < 0) {
+		*why = "no /dev/hmm_dmirror0 (test_hmm not loaded)";
+		return -1;
+	}
+	if (!supported(fd)) {
+		close(fd);
+		*why = "test_hmm has no HMM_DMIRROR_MIGRATE_FAULT";
+		return -1;
+	}
+	return fd;
 }
 
 /*
@@ -329,15 +328,14 @@ TEST(race)
 	double hang_s = env_ul("LAB_HMM_HANG_S", 10);
 	long last[NTHREADS] = { 0 }, windows0, windows;
 	double seen[NTHREADS], t;
+	const char *why;
 	int fd, k, status;
 	pid_t pid;
 
 	pgsz = getpagesize();
-	fd = open("/dev/hmm_dmirror0", O_RDWR);
+	fd = open_dmirror(&why);
 	if (fd < 0)
-		SKIP(return, "no /dev/hmm_dmirror0 (test_hmm not loaded)");
-	if (!supported(fd))
-		SKIP(return, "test_hmm has no HMM_DMIRROR_MIGRATE_FAULT");
+		SKIP(return, "%s", why);
 	rs = mmap(NULL, sizeof(*rs), PROT_READ | PROT_WRITE,
 		  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	ASSERT_NE(rs, MAP_FAILED);
@@ -479,14 +477,13 @@ TEST(bench)
 	static const char *const scenarios[] = { "holes", "cow" };
 	unsigned long len = env_ul("LAB_HMM_BENCH_MB", 64) << 20;
 	unsigned long m, s, i;
+	const char *why;
 	int fd;
 
 	pgsz = getpagesize();
-	fd = open("/dev/hmm_dmirror0", O_RDWR);
+	fd = open_dmirror(&why);
 	if (fd < 0)
-		SKIP(return, "no /dev/hmm_dmirror0 (test_hmm not loaded)");
-	if (!supported(fd))
-		SKIP(return, "test_hmm has no HMM_DMIRROR_MIGRATE_FAULT");
+		SKIP(return, "%s", why);
 	ASSERT_TRUE(probes_on());
 
 	for (s = 0; s < 2; s++) {

@@ -109,6 +109,7 @@
 #include <linux/vfio.h>
 
 #include "kselftest_harness.h"
+#include "lab_common.h"
 
 #define SZ_4K		0x1000UL
 #define SZ_2M		0x200000UL
@@ -118,25 +119,6 @@
 
 static const char *bdf;
 static int bar_index = 2;
-
-static void note(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	printf("# lab: ");
-	vprintf(fmt, ap);
-	printf("\n");
-	va_end(ap);
-	fflush(stdout);
-}
-
-static unsigned long env_ul(const char *name, unsigned long def)
-{
-	const char *s = getenv(name);
-
-	return s && *s ? strtoul(s, NULL, 0) : def;
-}
 
 static long minflt(void)
 {
