@@ -65,7 +65,6 @@
 #include <lib/test_hmm_uapi.h>
 
 #define SZ_2M		(2UL << 20)
-#define TRACEFS		"/sys/kernel/tracing"
 #define MUTANT_WINDOWS	"/sys/module/migrate_device/parameters/hmm_split_windows"
 
 static double now_s(void)
@@ -92,17 +91,6 @@ static long read_long(const char *path)
 	}
 	close(fd);
 	return v;
-}
-
-static void write_str(const char *path, const char *s)
-{
-	int fd = open(path, O_WRONLY);
-
-	if (fd < 0)
-		return;
-	if (write(fd, s, strlen(s)) < 0)
-		perror(path);
-	close(fd);
 }
 
 /* 0, or -errno of the ioctl; -EOPNOTSUPP for a kernel without it. */
@@ -381,7 +369,7 @@ TEST(race)
 		 * A thread waits on a migration entry no one will remove: the
 		 * child can no longer be killed or reaped.  Say so once.
 		 */
-		write_str("/proc/sys/kernel/hung_task_timeout_secs", "0");
+		write_text("/proc/sys/kernel/hung_task_timeout_secs", "0", false);
 		note("hmm_race_hang=%s", rs->stop ? "final read" : tname[k]);
 		ksft_print_msg("no progress for %.0f s in the %s thread (%s): a migration entry left behind\n",
 			       hang_s, tname[k], rs->stop ? "final read" : "race");
@@ -409,27 +397,16 @@ static const char *const probes[] = {
 static bool probes_on(void)
 {
 	unsigned int i;
-	int fd;
 
-	if (access(TRACEFS "/kprobe_events", W_OK))
-		mount("tracefs", TRACEFS, "tracefs", 0, NULL);
-	write_str(TRACEFS "/events/hmmlab/enable", "0");
-	fd = open(TRACEFS "/kprobe_events", O_WRONLY | O_TRUNC);
-	if (fd < 0)
+	tracefs_write("events/hmmlab/enable", "0", false);
+	if (tracefs_write("kprobe_events", "", false))
 		return false;
-	close(fd);
-	for (i = 0; i < NPROBES; i++) {
-		fd = open(TRACEFS "/kprobe_events", O_WRONLY | O_APPEND);
-		if (fd < 0 || write(fd, probes[i], strlen(probes[i])) < 0) {
-			if (fd >= 0)
-				close(fd);
+	for (i = 0; i < NPROBES; i++)
+		if (tracefs_write("kprobe_events", probes[i], true))
 			return false;
-		}
-		close(fd);
-	}
 	/* Counted by kprobe_profile; nothing goes to the trace buffer. */
-	write_str(TRACEFS "/tracing_on", "0");
-	write_str(TRACEFS "/events/hmmlab/enable", "1");
+	tracefs_write("tracing_on", "0", false);
+	tracefs_write("events/hmmlab/enable", "1", false);
 	return true;
 }
 
@@ -459,9 +436,9 @@ static void probes_read(long hits[NPROBES])
 
 static void probes_off(void)
 {
-	write_str(TRACEFS "/events/hmmlab/enable", "0");
-	write_str(TRACEFS "/kprobe_events", "");
-	write_str(TRACEFS "/tracing_on", "1");
+	tracefs_write("events/hmmlab/enable", "0", false);
+	tracefs_write("kprobe_events", "", false);
+	tracefs_write("tracing_on", "1", false);
 }
 
 TEST(bench)

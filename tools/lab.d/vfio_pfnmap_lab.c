@@ -330,8 +330,6 @@ static bool in_window(int tid)
  * with ret != 0 are the look-ups that found the fault-in undone: lost
  * races.
  */
-#define TRACEFS		"/sys/kernel/tracing"
-
 enum kev { KEV_FAULTIN, KEV_LOOKUP, KEV_RETRY, KEV_ZAP, KEV_ERRPFN, KEV_SIGBUS, NKEV };
 
 /*
@@ -377,21 +375,6 @@ struct kcount {
 	long split_pud;		/* /proc/vmstat deltas */
 	long split_pmd;
 };
-
-static int tracefs_write(const char *file, const char *text, bool append)
-{
-	char path[256];
-	int fd, ret = 0;
-
-	snprintf(path, sizeof(path), TRACEFS "/%s", file);
-	fd = open(path, O_WRONLY | (append ? O_APPEND : O_TRUNC));
-	if (fd < 0)
-		return -errno;
-	if (write(fd, text, strlen(text)) < 0)
-		ret = -errno;
-	close(fd);
-	return ret;
-}
 
 static long vmstat(const char *key)
 {
@@ -439,8 +422,6 @@ static void kc_start(struct kcount *kc, unsigned int mask)
 	int i, ret;
 
 	memset(kc, 0, sizeof(*kc));
-	if (access(TRACEFS "/kprobe_events", W_OK))
-		mount("tracefs", TRACEFS, "tracefs", 0, NULL);
 	kc_teardown();
 	for (i = 0; i < NKEV; i++) {
 		kc->n[i] = -1;
